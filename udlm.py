@@ -334,8 +334,8 @@ def alpha_curriculum(t, K, gamma_min, gamma_max):
 
 
 def sample_t(n, generator=None):
-    """Low-discrepancy times for a batch: t_i ~ U[i/n, (i+1)/n), mapped to [T_MIN, 1]. (n,) float32."""
-    u = (torch.rand(n, generator=generator) + torch.arange(n)) / n
+    """Low-discrepancy times for a batch: t_i ~ U[i/n, (i+1)/n), mapped to [T_MIN, 1]. (n,) float64."""
+    u = (torch.rand(n, generator=generator, dtype=torch.float64) + torch.arange(n)) / n
     return T_MIN + (1 - T_MIN) * u
 
 
@@ -810,6 +810,8 @@ def train(cfg, quiet=False):
     if cfg.batch_size % (world * cfg.accum):
         raise UsageError(f"--batch_size {cfg.batch_size} must be divisible by world size x --accum = {world * cfg.accum}")
     ckpt = open_run(cfg)
+    if world > 1:
+        dist.barrier()  # every rank checks out_dir before rank 0 writes to it
     data, enc = load_rows(cfg), get_tokenizer(K)
     train_rows = torch.from_numpy(data["train"])
     test_rows = data["test"][: cfg.eval_rows]
@@ -872,7 +874,7 @@ def train(cfg, quiet=False):
                     (loss / cfg.accum).backward()
                 loss_total += loss.item() / cfg.accum
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            stats = torch.tensor([loss_total, float(_STOP[0])])
+            stats = torch.tensor([loss_total, float(_STOP[0])], device=device)
             if world > 1:  # average the loss for logging and agree on Ctrl-C across ranks
                 dist.all_reduce(stats)
                 stats[0] /= world
