@@ -800,8 +800,9 @@ def setup_distributed(device_name):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def train(cfg, quiet=False):
-    """Train one model and evaluate it; returns the summary dict (also written to out_dir/summary.json)."""
+def train(cfg, quiet=False, evaluate=True):
+    """Train one model, then (if evaluate) measure it; returns the summary dict, also written to out_dir/summary.json.
+    quiet hides the progress bar and printout (eval.py's sweep shows its own bar)."""
     import torch.distributed as dist
     from tqdm import tqdm
     cfg = dataclasses.replace(cfg, out_dir=cfg.out_dir or default_out_dir(cfg))
@@ -917,7 +918,7 @@ def train(cfg, quiet=False):
     train_s = time.time() - t_start
     summary = None
     if main_rank:
-        summary = evaluate_run(ema, cfg, data, enc, quiet)
+        summary = evaluate_run(ema, cfg, data, enc, quiet) if evaluate else dict(K=K, n_train_rows=len(train_rows))
         summary.update(wall_s=wall_before + time.time() - t_start, train_s=train_s,
                        tokens_per_s=tokens / train_s if tokens else None, steps=step, world_size=world)
         tmp = os.path.join(cfg.out_dir, "summary.json.tmp")
