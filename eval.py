@@ -283,6 +283,8 @@ def finished_points(path):
 
 
 def sweep(presets, fracs, out_dir, rows, steps, seed=1, overrides=None, quiet=False):
+    """Train (or resume) and evaluate each (preset, fraction) in turn; -> path of results.jsonl."""
+    import time
     from tqdm import tqdm
     overrides = overrides or {}
     results = os.path.join(out_dir, "results.jsonl")
@@ -303,14 +305,15 @@ def sweep(presets, fracs, out_dir, rows, steps, seed=1, overrides=None, quiet=Fa
         cfg = udlm.make_config(preset, frac=frac, seed=seed, out_dir=run_dir, resume=True, **overrides)
         summary = udlm.train(cfg, quiet=True, evaluate=False)
         bar.set_postfix_str(f"{preset} frac={frac:g}: evaluating")
+        t0 = time.time()
         model, cfg, enc = udlm.load_model(run_dir, udlm.resolve_device(cfg.device))
         data = udlm.load_rows(cfg)
         key = (cfg.data, cfg.vocab_size, cfg.length)
         if key not in scorers:
             scorers[key] = TrigramScorer(full_training_rows(cfg), cfg.vocab_size)
         records = evaluate_point(model, cfg, data, enc, rows, steps, seed, scorers[key], run_dir)
-        records.append(dict(point(cfg, data), kind="done", train_s=summary["train_s"], steps=summary["steps"],
-                            params=sum(p.numel() for p in model.parameters())))
+        records.append(dict(point(cfg, data), kind="done", train_s=summary["train_s"], eval_s=time.time() - t0,
+                            steps=summary["steps"], params=sum(p.numel() for p in model.parameters())))
         append_records(results, records)
     return results
 
@@ -349,14 +352,17 @@ def main(argv=None):
     p.add_argument("--rows", type=int, default=64, help="rows per split for each measurement (default 64)")
     p.add_argument("--steps", type=int, default=64, help="reverse-process grid size (default 64)")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="udlm.Config overrides, e.g. max_steps=600")
+    p.add_argument("--max_steps", type=int, default=800, help="training steps of every model (default 800; the "
+                   "paper: 1,000,000)")
+    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="udlm.Config overrides, e.g. lr=2e-3")
     args = parser.parse_args(argv)
+    udlm.tune_allocator()
     try:
         if args.command == "sweep":
             if any(not 0 < f <= 1 for f in args.fracs or []):
                 raise udlm.UsageError("--fracs must lie in (0, 1]")
             print(sweep(args.presets, args.fracs, args.out_dir, args.rows, args.steps, args.seed,
-                        parse_overrides(args.set)))
+                        dict(max_steps=args.max_steps, **parse_overrides(args.set))))
             return 0
         device = udlm.resolve_device(args.device)
         model, cfg, enc = udlm.load_model(args.ckpt, device)

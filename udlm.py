@@ -62,7 +62,7 @@ class Config:
     max_steps: int = 1000        # optimizer steps
     grad_clip: float = 1.0       # global L2 gradient-norm clip
     ema: float = 0.9999          # EMA decay (with Duo's (1+n)/(10+n) warm-up); eval and sampling use EMA weights
-    curriculum_steps: int = 0    # steps trained with Duo's Gaussian curriculum (0 = off)
+    curriculum_steps: int = 300  # first steps trained with Duo's Gaussian curriculum (0 = off)
     gamma_min: float = -3.5      # curriculum: log-SNR range of the Gaussian latent at t = 0 ...
     gamma_max: float = -1.75     # ... and at t = 1
     tau: float = 1e-3            # curriculum: softmax temperature of the relaxed input
@@ -536,7 +536,7 @@ def sample_posterior(logits, z_t, alpha_t, alpha_s, generator=None):
     Only positions that take the third branch need a K-way draw. logits (B, L, K), z_t (B, L), alphas float scalars."""
     K = logits.shape[-1]
     at, as_ = float(alpha_t), float(alpha_s)
-    lse = torch.logsumexp(logits.double(), -1)  # (B, L) softmax normaliser, float64
+    lse = torch.logsumexp(logits.float(), -1).double()  # (B, L); x_theta is as precise as the float32 logits
     x_z = torch.exp(logits.gather(-1, z_t[..., None])[..., 0].double() - lse)  # x_theta(z_t), (B, L)
     w_stay = K * at * x_z + at / as_ - at
     w_unif = (1 - at / as_) * (1 - as_)
@@ -948,6 +948,19 @@ def evaluate_run(model, cfg, data, enc, quiet=False):
 
 # ---- 12. Command line: every Config field is a flag; presets fill the fields no flag sets ----
 
+def tune_allocator():
+    """CPU speed: stop glibc from returning freed blocks over 32 MB to the OS, which makes every new (B, L, K)
+    tensor page-fault again; measured here, a CPU training step gets ~20% faster. Process-wide, so only the
+    command lines call it; a no-op off glibc."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)  # M_MMAP_MAX = 0: serve big blocks from the heap ...
+        libc.mallopt(-1, 2**30)  # ... M_TRIM_THRESHOLD = 1 GiB: and keep up to 1 GiB of freed heap for reuse
+    except (OSError, AttributeError):
+        pass
+
+
 def _field_help():
     """Field -> the trailing comment on its line in Config (the help text of the flag)."""
     import inspect
@@ -981,6 +994,7 @@ def main(argv=None):
     except UsageError as e:
         print(f"udlm.py: error: {e}", file=sys.stderr)
         return 2
+    tune_allocator()
     previous = signal.signal(signal.SIGINT, lambda *_: _STOP.__setitem__(0, True))
     try:
         train(cfg)

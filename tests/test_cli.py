@@ -135,10 +135,11 @@ def test_corrupt_checkpoint_on_resume(tiny_args, tmp_path, capsys):
 
 
 def test_ddp_with_two_gloo_processes_matches_one_process(tmp_path):
-    """Two CPU ranks each take half of one global batch; with dropout off their averaged first-step loss and the
-    resulting weights equal a single-process run's."""
+    """Two CPU ranks each take half of one global batch; with dropout and the curriculum off (both draw noise per
+    rank) their averaged losses and the resulting weights equal a single-process run's."""
     corpus = write_corpus(tmp_path / "toy.txt")
-    args = ["--data", corpus, "--cache_dir", str(tmp_path / "cache"), *TINY, "--dropout", "0", "--max_steps", "3"]
+    args = ["--data", corpus, "--cache_dir", str(tmp_path / "cache"), *TINY, "--dropout", "0", "--curriculum_steps",
+            "0", "--max_steps", "3"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r1 = subprocess.run([sys.executable, os.path.join(ROOT, "udlm.py"), *args, "--out_dir", one], env=env,
