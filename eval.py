@@ -5,6 +5,7 @@
     python eval.py nelbo   --ckpt out/cpu-sotu-frac0.05   # test NELBO (nats/token) and the perplexity bound
     python eval.py score   --ckpt out/cpu-sotu-frac0.05   # Fig. 11: generated samples under a reference scorer
     python eval.py sweep   --presets cpu --out_dir results/cpu   # train and evaluate one model per fraction
+    python eval.py hopfield --out_dir results/hopfield           # Section 3: a pseudo-likelihood Hopfield network
 
 Every command appends JSON lines (one per measurement) to a results file; per-token arrays go to .npz files.
 The method lives in udlm.py; this file only arranges experiments around it.
@@ -318,6 +319,78 @@ def sweep(presets, fracs, out_dir, rows, steps, seed=1, overrides=None, quiet=Fa
     return results
 
 
+# ---- Section 3: a Hopfield network trained by pseudo-likelihood, next to the diffusion model ----
+
+def random_spins(n, L, g):
+    return torch.randint(0, 2, (n, L), generator=g).double() * 2 - 1
+
+
+def flip(x, p, g):
+    """Each spin flipped with probability p: -> (corrupted copy, flipped mask)."""
+    mask = torch.rand(x.shape, generator=g, dtype=torch.float64) < p
+    return torch.where(mask, -x, x), mask
+
+
+def spin_recovery(W, x, g, p=0.1):
+    """Corrupt p of the spins, run Eq. (6) to a fixed point; -> (fraction of flipped spins restored (the Eq. 11
+    analogue), fraction of patterns restored exactly, final states)."""
+    corrupted, flipped = flip(x, p, g)
+    s, converged = udlm.hopfield_retrieve(W, corrupted)
+    return (float(((s == x) & flipped).sum() / flipped.sum()), float((s == x).all(-1).double().mean()), s,
+            float(converged.double().mean()))
+
+
+def hopfield_capacity(L, loads, g, pl_steps, bar):
+    """Random patterns at load gamma = P/L: fraction stored as fixed points and retrieved from 10% flips."""
+    records = []
+    for gamma in loads:
+        x = random_spins(max(1, round(gamma * L)), L, g)
+        for rule, W in (("hebbian", udlm.hebbian_couplings(x)), ("pseudo-likelihood",
+                                                                 udlm.train_pseudo_likelihood(x, pl_steps))):
+            margins = udlm.hopfield_margin(W, x)
+            _, exact, _, _ = spin_recovery(W, x, g)
+            records.append(dict(kind="hopfield_capacity", rule=rule, L=L, P=len(x), gamma=gamma,
+                                fixed_points=float((margins.min(-1).values > 0).double().mean()),
+                                retrieved=exact, min_margin=float(margins.min())))
+        bar.update(1)
+    return records
+
+
+def hopfield_generalization(L, sizes, g, pl_steps, bar, n_protos=3, noise=0.1, n_test=200):
+    """Patterns = n_protos hidden prototypes with each spin flipped with probability noise; train on P of them and
+    restore 10%-corrupted training vs unseen test patterns (the toy analogue of Fig. 1)."""
+    protos = random_spins(n_protos, L, g)
+
+    def draw(n):
+        return flip(protos[torch.randint(0, n_protos, (n,), generator=g)], noise, g)[0]
+
+    test, records = draw(n_test), []
+    for P in sizes:
+        train = draw(P)
+        W = udlm.train_pseudo_likelihood(train, pl_steps)
+        for split, x in (("train", train[:n_test]), ("test", test)):
+            recovery, exact, s, converged = spin_recovery(W, x, g)
+            overlap = (s @ protos.T / L).abs().max(-1).values  # |overlap| with the nearest prototype
+            records.append(dict(kind="hopfield_generalization", split=split, L=L, P=P, prototypes=n_protos,
+                                noise=noise, recovery=recovery, exact=exact, converged=converged,
+                                prototype_overlap=float(overlap.mean())))
+        bar.update(1)
+    return records
+
+
+def hopfield(out_dir, L=100, seed=0, pl_steps=300, quiet=False):
+    """Both Section-3 experiments; appends to out_dir/results.jsonl (plot.py draws hopfield.png)."""
+    from tqdm import tqdm
+    g = torch.Generator().manual_seed(seed)
+    loads = [0.05, 0.1, 0.14, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0]
+    sizes = [10, 20, 50, 100, 200, 500, 1000, 3000]
+    with tqdm(total=len(loads) + len(sizes), desc="hopfield", disable=quiet) as bar:
+        records = hopfield_capacity(L, loads, g, pl_steps, bar) + hopfield_generalization(L, sizes, g, pl_steps, bar)
+    path = os.path.join(out_dir, "results.jsonl")
+    append_records(path, records)
+    return path
+
+
 # ---- command line ----
 
 def parse_overrides(pairs):
@@ -345,6 +418,10 @@ def main(argv=None):
         p.add_argument("--out", default="", help="results file (default <run dir>/eval.jsonl)")
         if name == "recover":
             p.add_argument("--ts", type=float, nargs="+", default=list(TS), help="perturbation times")
+    p = sub.add_parser("hopfield", help="Section 3: capacity and generalization of a pseudo-likelihood Hopfield net")
+    p.add_argument("--out_dir", required=True)
+    p.add_argument("--L", type=int, default=100, help="neurons (default 100)")
+    p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("sweep")
     p.add_argument("--presets", nargs="+", default=["cpu"])
     p.add_argument("--fracs", type=float, nargs="+", default=None, help="default: log-spaced, ~32 rows to all")
@@ -358,6 +435,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     udlm.tune_allocator()
     try:
+        if args.command == "hopfield":
+            print(hopfield(args.out_dir, args.L, args.seed))
+            return 0
         if args.command == "sweep":
             if any(not 0 < f <= 1 for f in args.fracs or []):
                 raise udlm.UsageError("--fracs must lie in (0, 1]")

@@ -4,7 +4,8 @@
 
 Figures (paper numbering): recovery_vs_frac.png (Fig. 1 top), entropy_hist.png (Fig. 1 bottom),
 entropy_hist_<preset>.png (Figs. 3-5), entropy_trace.png (Fig. 2 top), entropy_gap.png (Fig. 2 bottom),
-entropy_gap_hist_<preset>.png (Figs. 6-8), sample_score.png (Fig. 11, with the test NELBO).
+entropy_gap_hist_<preset>.png (Figs. 6-8), sample_score.png (Fig. 11, with the test NELBO), and hopfield.png
+(Section 3, from `eval.py hopfield`).
 """
 import json
 import os
@@ -163,6 +164,39 @@ def plot_score(R, plt):
     return fig
 
 
+def plot_hopfield(R, plt):
+    """Section 3: capacity of Hebbian vs pseudo-likelihood couplings, and the toy memorization -> generalization."""
+    cap, gen = R["hopfield_capacity"], R["hopfield_generalization"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for rule, color in (("hebbian", "tab:blue"), ("pseudo-likelihood", "tab:red")):
+        pts = sorted((r["gamma"], r["fixed_points"], r["retrieved"]) for r in cap if r["rule"] == rule)
+        ax1.plot([p[0] for p in pts], [p[1] for p in pts], "-o", ms=3, color=color, label=f"{rule}: fixed points")
+        ax1.plot([p[0] for p in pts], [p[2] for p in pts], "--s", ms=3, color=color,
+                 label=f"{rule}: retrieved from 10% flips")
+    ax1.axvline(0.138, color="gray", ls=":", lw=1)
+    ax1.axvline(2.0, color="gray", ls=":", lw=1)
+    ax1.set_xscale("log")
+    ax1.set_xlabel("load gamma = P / L (dotted: 0.138 Hebbian, 2 Gardner)")
+    ax1.set_ylabel("fraction of random patterns")
+    ax1.set_title(f"capacity, L = {cap[0]['L']}", fontsize=10)
+    for split, style in (("train", "-o"), ("test", "--s")):
+        pts = sorted((r["P"], r["recovery"], r["prototype_overlap"]) for r in gen if r["split"] == split)
+        ax2.plot([p[0] for p in pts], [p[1] for p in pts], style, ms=3, color="tab:red",
+                 label=f"{split}: flipped spins restored")
+        ax2.plot([p[0] for p in pts], [p[2] for p in pts], style, ms=3, color="tab:gray", alpha=0.6,
+                 label=f"{split}: overlap with nearest prototype")
+    pts = sorted((r["P"], r["converged"]) for r in gen if r["split"] == "test")
+    ax2.plot(*zip(*pts), ":", color="black", lw=1, label="test: dynamics reached a fixed point")
+    ax2.set_xscale("log")
+    ax2.set_xlabel("training patterns P")
+    ax2.set_title(f"pseudo-likelihood on {gen[0]['prototypes']} noisy prototypes (noise {gen[0]['noise']:g}), "
+                  f"L = {gen[0]['L']}", fontsize=10)
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return fig
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
@@ -175,7 +209,7 @@ def main(argv=None):
     out_dir = argv[0] if os.path.isdir(argv[0]) else os.path.dirname(argv[0])
     figures = {"recovery_vs_frac": (plot_recovery, "recovery"), "entropy_hist": (plot_entropy_hist, "entropy_hist"),
                "entropy_trace": (plot_entropy_trace, "entropy_trace"), "entropy_gap": (plot_entropy_gap, "entropy_gap"),
-               "sample_score": (plot_score, "sample_score")}
+               "sample_score": (plot_score, "sample_score"), "hopfield": (plot_hopfield, "hopfield_capacity")}
     for preset in presets_of(R["entropy_hist"]):
         figures[f"entropy_hist_{preset}"] = (lambda R, plt, p=preset: plot_entropy_hist(R, plt, p), "entropy_hist")
     for preset in presets_of(R["entropy_gap_hist"]):
