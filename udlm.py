@@ -555,6 +555,7 @@ def uniform_prior(n, L, K, generator=None, device="cpu"):
     return torch.randint(0, K, (n, L), generator=generator, device=device)
 
 
+@torch.no_grad()
 def denoise(model, z, t):
     """Logits of x_theta(z_t, t) at a scalar time t, conditioned on sigma = -log alpha_t. z (B, L) -> (B, L, K)."""
     sigma = -math.log(float(alpha_loglinear(torch.tensor(float(t)))[0]))
