@@ -74,6 +74,19 @@ def hist_panel(ax, edges, series, title):
     ax.legend(fontsize=7)
 
 
+def hist_grid(plt, chosen, series, subtitle, suptitle):
+    """One histogram panel per record of chosen, four to a row."""
+    cols = min(4, len(chosen))
+    rows = -(-len(chosen) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, r in zip(axes.ravel(), chosen):
+        hist_panel(ax, r["edges"], series(r), subtitle(r))
+    for ax in axes.ravel()[len(chosen):]:
+        ax.axis("off")
+    fig.suptitle(suptitle)
+    return fig
+
+
 def plot_entropy_hist(R, plt, preset=None, t=0.25):
     """Recovered vs unrecovered tokens at t: one panel per preset at its largest fraction (preset=None), or
     one panel per fraction of one preset."""
@@ -82,16 +95,9 @@ def plot_entropy_hist(R, plt, preset=None, t=0.25):
         chosen = [max((r for r in hists if r["preset"] == p), key=lambda r: r["frac"]) for p in presets_of(hists)]
     else:
         chosen = sorted((r for r in hists if r["preset"] == preset), key=lambda r: r["frac"])
-    cols = min(4, len(chosen))
-    rows = -(-len(chosen) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
-    for ax, r in zip(axes.ravel(), chosen):
-        hist_panel(ax, r["edges"], [("recovered", r["recovered"]), ("unrecovered", r["unrecovered"])],
-                   f"{r['preset']}, frac {r['frac']:g} ({r['n_train_rows']} rows), t = {t:g}")
-    for ax in axes.ravel()[len(chosen):]:
-        ax.axis("off")
-    fig.suptitle("entropy of recovered vs unrecovered training tokens")
-    return fig
+    return hist_grid(plt, chosen, lambda r: [("recovered", r["recovered"]), ("unrecovered", r["unrecovered"])],
+                     lambda r: f"{r['preset']}, frac {r['frac']:g} ({r['n_train_rows']} rows), t = {t:g}",
+                     "entropy of recovered vs unrecovered training tokens")
 
 
 def plot_entropy_trace(R, plt):
@@ -131,16 +137,9 @@ def plot_entropy_gap(R, plt):
 
 def plot_gap_hist(R, plt, preset):
     mine = sorted((r for r in R["entropy_gap_hist"] if r["preset"] == preset), key=lambda r: r["frac"])
-    cols = min(4, len(mine))
-    rows = -(-len(mine) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
-    for ax, r in zip(axes.ravel(), mine):
-        hist_panel(ax, r["edges"], [("training", r["train"]), ("generated", r["generated"])],
-                   f"{preset}, frac {r['frac']:g} ({r['n_train_rows']} rows), t = 1e-5")
-    for ax in axes.ravel()[len(mine):]:
-        ax.axis("off")
-    fig.suptitle("entropy of training vs generated tokens")
-    return fig
+    return hist_grid(plt, mine, lambda r: [("training", r["train"]), ("generated", r["generated"])],
+                     lambda r: f"{preset}, frac {r['frac']:g} ({r['n_train_rows']} rows), t = 1e-5",
+                     "entropy of training vs generated tokens")
 
 
 def plot_score(R, plt):
