@@ -95,8 +95,7 @@ def measure_entropy(model, cfg, data, rows=256, steps=128, seed=0):
 
     for i in range(0, len(x), udlm.EVAL_BATCH):
         xb = x[i:i + udlm.EVAL_BATCH]
-        z1 = udlm.q_xt(xb, udlm.alpha_loglinear(torch.ones(len(xb), dtype=torch.float64))[0], cfg.vocab_size, g)
-        udlm.sample(model, z1, 1.0, steps, generator=g, on_step=record)
+        udlm.sample(model, udlm.perturb(xb, 1.0, cfg.vocab_size, g), 1.0, steps, generator=g, on_step=record)
     ts = sorted(sums, reverse=True)
     H_trace = np.array([sums[t][0] / sums[t][1] for t in ts])
     samples = []
@@ -105,8 +104,8 @@ def measure_entropy(model, cfg, data, rows=256, steps=128, seed=0):
         z1 = udlm.uniform_prior(n, cfg.length, cfg.vocab_size, g, device)
         samples.append(udlm.sample(model, z1, 1.0, steps, final="greedy", generator=g).cpu())
     samples = torch.cat(samples).numpy()
-    H_train = per_token_entropy(model, data["train"][:rows], g)
-    H_gen = per_token_entropy(model, samples, g)
+    H_train = udlm.token_entropy(model, data["train"][:rows], udlm.T_END, g)
+    H_gen = udlm.token_entropy(model, samples, udlm.T_END, g)
     ht, edges = histogram(H_train, cfg.vocab_size)
     hg, _ = histogram(H_gen, cfg.vocab_size)
     records = [dict(point(cfg, data), kind="entropy_trace", rows=len(x), steps=steps, t=ts, entropy=H_trace.tolist()),
@@ -117,18 +116,6 @@ def measure_entropy(model, cfg, data, rows=256, steps=128, seed=0):
     arrays = dict(trace_t=np.array(ts), trace_entropy=H_trace, entropy_train=H_train, entropy_generated=H_gen,
                   samples=samples.astype(np.uint16))
     return records, arrays, samples
-
-
-@torch.no_grad()
-def per_token_entropy(model, rows, generator):
-    """Eq. (12) at t = 1e-5 for each token of rows (N, L) -> (N, L) float32."""
-    device, out = next(model.parameters()).device, []
-    for i in range(0, len(rows), udlm.EVAL_BATCH):
-        x = torch.as_tensor(rows[i:i + udlm.EVAL_BATCH], device=device)
-        z = udlm.q_xt(x, udlm.alpha_loglinear(torch.full((len(x),), udlm.T_END, dtype=torch.float64))[0],
-                      model.K, generator)
-        out.append(udlm.conditional_entropy(udlm.denoise(model, z, udlm.T_END)).cpu())
-    return torch.cat(out).numpy()
 
 
 # ---- test NELBO ----

@@ -342,6 +342,11 @@ def q_xt(x, alpha_t, K, generator=None):
     return torch.where(keep, x, torch.randint(0, K, x.shape, generator=generator, device=x.device))
 
 
+def perturb(x, t, K, generator=None):
+    """Eq. (1) at one time t for every row: q_xt(x, alpha_t) with alpha_t = 1 - (1 - eps) t. x (B, L) -> (B, L)."""
+    return q_xt(x, alpha_loglinear(torch.full((len(x),), float(t), dtype=torch.float64))[0], K, generator)
+
+
 def q_wt_gaussian(x, alpha_tilde, K, generator=None):
     """Gaussian latent of Eq. (17): w = alpha~ onehot(x) + sqrt(1 - alpha~^2) eps, x (B, L), alpha~ (B,)
     -> w (B, L, K); argmax(w) ~ Cat(T(alpha~) x + (1 - T(alpha~))/K), Eq. (20)."""
@@ -613,7 +618,7 @@ def recovery_experiment(model, rows, t, steps, generator=None, batch=64, final="
     out = {k: [] for k in ("x", "z_t", "x_hat", "entropy")}
     for i in range(0, len(rows), batch):
         x = torch.as_tensor(rows[i:i + batch], device=device)
-        z_t = q_xt(x, alpha_loglinear(torch.full((len(x),), float(t), dtype=torch.float64))[0], model.K, generator)
+        z_t = perturb(x, t, model.K, generator)
         seen = []  # every x_theta along the way; the first is x_theta(z_t, t)
         x_hat = sample(model, z_t, t, steps, final, generator, on_step=lambda s, logits: seen.append(logits))
         for k, v in zip(out, (x, z_t, x_hat, conditional_entropy(seen[0]))):
@@ -752,14 +757,13 @@ def estimate_nelbo(model, rows, seed=0):
 
 
 @torch.no_grad()
-def mean_entropy_clean(model, rows, t=T_END, seed=0):
-    """Mean Eq. (12) entropy of x_theta on rows perturbed at time t (default 1e-5, i.e. nearly clean rows)."""
-    device, g, values = next(model.parameters()).device, torch.Generator().manual_seed(seed), []
+def token_entropy(model, rows, t=T_END, generator=None):
+    """Eq. (12) for every token of rows (N, L) perturbed at time t (default 1e-5: nearly clean rows) -> (N, L)."""
+    device, out = next(model.parameters()).device, []
     for i in range(0, len(rows), EVAL_BATCH):
-        x = torch.as_tensor(rows[i:i + EVAL_BATCH])
-        z_t = q_xt(x, alpha_loglinear(torch.full((len(x),), float(t)))[0], model.K, g).to(device)
-        values.append(conditional_entropy(denoise(model, z_t, t)).cpu())
-    return float(torch.cat(values).mean())
+        z_t = perturb(torch.as_tensor(rows[i:i + EVAL_BATCH], device=device), t, model.K, generator)
+        out.append(conditional_entropy(denoise(model, z_t, t)).cpu())
+    return torch.cat(out).numpy()
 
 
 def save_checkpoint(path, **state):
@@ -998,7 +1002,7 @@ def evaluate_run(model, cfg, data, enc, quiet=False):
         r = recovery_experiment(model, data[split][: cfg.recovery_rows], 0.25, cfg.sample_steps, g)
         metrics = recovery_rate(*(torch.from_numpy(r[k]) for k in ("x", "z_t", "x_hat")))
         summary.update({f"recovery_{split}": metrics["recovery"], f"unstable_{split}": metrics["unstable"]})
-        summary[f"entropy_{split}"] = mean_entropy_clean(model, data[split][: cfg.recovery_rows], seed=cfg.seed)
+        summary[f"entropy_{split}"] = float(token_entropy(model, data[split][: cfg.recovery_rows], T_END, g).mean())
     samples = sample(model, uniform_prior(3, cfg.length, K, g, device), 1.0, cfg.sample_steps, generator=g)
     summary["samples"] = [decode(enc, s) for s in samples]
     if not quiet:
