@@ -1036,11 +1036,9 @@ def _field_help():
 
 
 def _parse_bool(s):
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(s)
+    if s.lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise ValueError(s)
+    return s.lower() in ("1", "true", "yes")
 
 
 def main(argv=None):
@@ -1057,21 +1055,15 @@ def main(argv=None):
         kind = _parse_bool if f.type is bool else f.type
         extra = dict(nargs="?", const=True, metavar="BOOL") if kind is _parse_bool else dict(metavar=f.name.upper())
         parser.add_argument(f"--{f.name}", type=kind, help=f"{helps.get(f.name, '')} (default: {f.default})", **extra)
+    previous = signal.getsignal(signal.SIGINT)
     try:
         cfg = make_config(**vars(parser.parse_args(argv)))
-    except UsageError as e:
-        print(f"udlm.py: error: {e}", file=sys.stderr)
-        return 2
-    tune_allocator()
-    previous = signal.signal(signal.SIGINT, lambda *_: _STOP.__setitem__(0, True))
-    try:
+        tune_allocator()
+        signal.signal(signal.SIGINT, lambda *_: _STOP.__setitem__(0, True))  # stop after the current step
         train(cfg)
-    except UsageError as e:
+    except (UsageError, TrainingDiverged) as e:
         print(f"udlm.py: error: {e}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as e:
-        print(f"udlm.py: error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, UsageError) else 1
     except KeyboardInterrupt:
         return 130
     finally:
