@@ -237,9 +237,12 @@ def show(records):
 
 def evaluate_point(model, cfg, data, enc, rows, steps, seed=0, scorer=None, out_dir=None):
     """All measurements of one model -> records; per-token arrays and examples are saved in out_dir if given."""
+    nelbo = measure_nelbo(model, cfg, data, seed=seed)
     rec, arr_r, examples = measure_recovery(model, cfg, data, enc, TS, rows, steps, seed)
     ent, arr_e, samples = measure_entropy(model, cfg, data, rows, steps, seed)
-    records = measure_nelbo(model, cfg, data, seed=seed) + rec + ent + measure_score(cfg, data, enc, samples, scorer)
+    records = nelbo + rec + ent + measure_score(cfg, data, enc, samples, scorer)
+    for r in records:  # every record of a point carries the model's test NELBO
+        r.setdefault("val_nelbo", nelbo[0]["val_nelbo"])
     if out_dir:
         np.savez_compressed(os.path.join(out_dir, "recover.npz"), **arr_r)
         np.savez_compressed(os.path.join(out_dir, "entropy.npz"), **arr_e)

@@ -82,6 +82,9 @@ def test_sweep_resumes_without_recomputation_and_plots(tmp_path, monkeypatch):
     first = records(results)
     assert sum(r["kind"] == "done" for r in first) == 2
     assert {r["frac"] for r in first if r["kind"] == "recovery"} == {0.1, 1.0}
+    fields = ("preset", "frac", "n_train_rows", "split", "t", "recovery", "unstable", "entropy_recovered",
+              "entropy_unrecovered", "val_nelbo")
+    assert all(all(k in r for k in fields) for r in first if r["kind"] == "recovery")
     n_rows = {r["frac"]: r["n_train_rows"] for r in first if r["kind"] == "done"}
     assert n_rows[0.1] == math.ceil(0.1 * n_rows[1.0])
 
