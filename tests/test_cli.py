@@ -153,3 +153,12 @@ def test_ddp_with_two_gloo_processes_matches_one_process(tmp_path):
     assert losses(two) == pytest.approx(losses(one), rel=1e-5)
     a, b = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True)["model"] for d in (one, two))
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_import_has_no_side_effects(tmp_path):
+    """Importing udlm prints nothing, writes no file, and takes under 3 s (torch's own import included)."""
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache"), "TMPDIR": str(tmp_path)}
+    code = f"import sys, time; t = time.time(); sys.path.insert(0, {ROOT!r}); import udlm; print(time.time() - t)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stderr == "" and os.listdir(tmp_path) == []
+    assert float(r.stdout) < 3.0
