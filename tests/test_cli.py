@@ -156,9 +156,12 @@ def test_ddp_with_two_gloo_processes_matches_one_process(tmp_path):
 
 
 def test_import_has_no_side_effects(tmp_path):
-    """Importing udlm prints nothing, writes no file, and takes under 3 s (torch's own import included)."""
+    """Importing udlm prints nothing and writes no file; it costs under 3 s of CPU time, torch's import included
+    (CPU time rather than wall time, so a busy machine does not fail the test), and udlm adds under 0.5 s."""
     env = {**os.environ, "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache"), "TMPDIR": str(tmp_path)}
-    code = f"import sys, time; t = time.time(); sys.path.insert(0, {ROOT!r}); import udlm; print(time.time() - t)"
+    code = (f"import sys, time; sys.path.insert(0, {ROOT!r}); t0 = time.process_time(); import torch, numpy; "
+            f"t1 = time.process_time(); import udlm; t2 = time.process_time(); print(t2 - t0, t2 - t1)")
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stderr == "" and os.listdir(tmp_path) == []
-    assert float(r.stdout) < 3.0
+    total, own = map(float, r.stdout.split())
+    assert total < 3.0 and own < 0.5
