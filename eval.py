@@ -133,7 +133,7 @@ class TrigramScorer:
     a trigram model over token ids with interpolated absolute discounting (d = 0.75), backing off to bigrams and an
     add-one unigram. It is weaker than GPT-2 Large but honest: it never saw the test rows or the samples."""
 
-    name = "trigram model of the full training split"
+    name = "trigram (absolute discounting, full training split)"
 
     def __init__(self, rows, K, d=0.75):
         self.K, self.d = K, d

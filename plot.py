@@ -153,7 +153,7 @@ def plot_score(R, plt):
         ax2.plot(*zip(*pts), "-o", ms=3, color=color, label=preset)
     ax1.set_yscale("log")
     ax1.set_ylabel("perplexity under the reference scorer")
-    ax1.set_title(f"generated samples scored by a {scores[0]['scorer']}\n(dotted: the same scorer on real test rows)",
+    ax1.set_title(f"generated samples; scorer: {scores[0]['scorer']}\n(dotted: the same scorer on real test rows)",
                   fontsize=9)
     ax2.set_ylabel("test NELBO (nats/token)")
     ax2.set_title("test NELBO, Eq. (3)")
