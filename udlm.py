@@ -619,9 +619,13 @@ def recovery_experiment(model, rows, t, steps, generator=None, batch=64, final="
     for i in range(0, len(rows), batch):
         x = torch.as_tensor(rows[i:i + batch], device=device)
         z_t = perturb(x, t, model.K, generator)
-        seen = []  # every x_theta along the way; the first is x_theta(z_t, t)
-        x_hat = sample(model, z_t, t, steps, final, generator, on_step=lambda s, logits: seen.append(logits))
-        for k, v in zip(out, (x, z_t, x_hat, conditional_entropy(seen[0]))):
+        H = []  # Eq. (12) of the first x_theta, x_theta(z_t, t); later steps' (B, L, K) logits are not kept
+
+        def keep_first(s, logits):
+            if not H:
+                H.append(conditional_entropy(logits))
+        x_hat = sample(model, z_t, t, steps, final, generator, on_step=keep_first)
+        for k, v in zip(out, (x, z_t, x_hat, H[0])):
             out[k].append(v.cpu())
     return {k: torch.cat(v).numpy() for k, v in out.items()}
 

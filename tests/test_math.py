@@ -277,6 +277,18 @@ def test_oracle_denoiser_recovers_everything_and_uniform_one_is_at_chance():
     assert r["entropy"].mean() == pytest.approx(math.log(K), rel=1e-5)
 
 
+def test_recovery_entropy_is_eq12_at_the_perturbation_time():
+    K, g = 40, torch.Generator().manual_seed(0)
+    model = udlm.DiT(K, D=16, C=16, n_blocks=1, n_heads=2).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3, generator=torch.Generator().manual_seed(1))
+    x = torch.randint(0, K, (5, 12), generator=g)
+    r = udlm.recovery_experiment(model, x, 0.25, steps=16, generator=g, batch=2)
+    H = udlm.conditional_entropy(udlm.denoise(model, torch.from_numpy(r["z_t"]), 0.25))
+    assert r["entropy"].shape == (5, 12) and H.std() > 1e-3  # entropies differ per token, by far more than atol
+    assert torch.allclose(torch.from_numpy(r["entropy"]), H, atol=1e-5)
+
+
 def test_recovery_rate_counts_only_perturbed_positions():
     x = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
     z = torch.tensor([[9, 2, 9, 4], [5, 6, 7, 8]])  # row 0: positions 0 and 2 perturbed; row 1: none
