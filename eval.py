@@ -45,7 +45,7 @@ def mark(enc, ids, marked, left="[", right="]"):
 
 # ---- Eq. (11) and Eq. (12): corrupt-token recovery and the entropy of recovered vs unrecovered tokens ----
 
-def measure_recovery(model, cfg, data, enc, ts=TS, rows=256, steps=128, seed=0):
+def measure_recovery(model, cfg, data, enc, ts=TS, rows=128, steps=128, seed=0):
     """For training rows (the model's own subset) and test rows: perturb at each t, reverse to 1e-5, and measure.
     The entropy of a token is H(x | z_t) of x_theta at the perturbation time t, before any reverse step.
     -> (records, per-token arrays, markdown examples)."""
@@ -80,7 +80,7 @@ def measure_recovery(model, cfg, data, enc, ts=TS, rows=256, steps=128, seed=0):
 
 # ---- Fig. 2: entropy along the reverse process, and the train vs generated entropy gap at t = 1e-5 ----
 
-def measure_entropy(model, cfg, data, rows=256, steps=128, seed=0):
+def measure_entropy(model, cfg, data, rows=128, steps=128, seed=0):
     """Mean Eq. (12) entropy at each step of the reverse process from t = 1 (perturbed training rows) to 1e-5;
     per-token entropy at t = 1e-5 on training rows and on as many generated samples (greedy final step).
     -> (records, per-token arrays, generated samples (N, L))."""
@@ -401,7 +401,8 @@ def main(argv=None):
     for name in ("recover", "entropy", "nelbo", "score"):
         p = sub.add_parser(name)
         p.add_argument("--ckpt", required=True, help="run directory or ckpt.pt")
-        p.add_argument("--rows", type=int, default=256, help="rows per split (default 256)")
+        p.add_argument("--rows", type=int, default=None if name == "nelbo" else 128,
+                       help="rows per split (default: 128; all test rows for nelbo)")
         p.add_argument("--steps", type=int, default=128, help="reverse-process grid size (default 128)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--device", default="auto")
