@@ -196,16 +196,21 @@ def gpt2_scorer(name="gpt2-large"):
     return perplexity
 
 
-def measure_score(cfg, data, enc, samples, scorer=None):
-    """Perplexity of generated samples under the reference scorer, next to the same scorer on real test rows."""
+def reference_scorer(cfg, enc):
+    """GPT-2 Large when it is available offline, else the trigram model. -> (name, rows (N, L) -> perplexity).
+    Built once per corpus: the sweep reuses it for every point."""
     gpt2 = gpt2_scorer()
     if gpt2 is not None:
-        texts = lambda rows: [udlm.decode(enc, r) for r in rows]  # noqa: E731
-        ppl, ref, name = gpt2(texts(samples)), gpt2(texts(data["test"][:len(samples)])), gpt2.name
-    else:
-        scorer = scorer or TrigramScorer(full_training_rows(cfg), cfg.vocab_size)
-        ppl, ref, name = scorer.perplexity(samples), scorer.perplexity(data["test"][:len(samples)]), scorer.name
-    return [dict(point(cfg, data), kind="sample_score", scorer=name, samples=len(samples), ppl=ppl, ppl_test_rows=ref)]
+        return gpt2.name, lambda rows: gpt2([udlm.decode(enc, r) for r in rows])
+    trigram = TrigramScorer(full_training_rows(cfg), cfg.vocab_size)
+    return trigram.name, trigram.perplexity
+
+
+def measure_score(cfg, data, enc, samples, scorer=None):
+    """Perplexity of generated samples under the reference scorer, next to the same scorer on real test rows."""
+    name, perplexity = scorer or reference_scorer(cfg, enc)
+    return [dict(point(cfg, data), kind="sample_score", scorer=name, samples=len(samples),
+                 ppl=perplexity(samples), ppl_test_rows=perplexity(data["test"][:len(samples)]))]
 
 
 def full_training_rows(cfg):
@@ -220,12 +225,16 @@ def append_records(path, records):
         fh.write("".join(json.dumps(r) + "\n" for r in records))
 
 
+def nan_if_none(v):
+    return float("nan") if v is None else v  # a mean over no tokens; 0.0 is a real entropy and stays 0.0
+
+
 def show(records):
     for r in records:
         if r["kind"] == "recovery":
             print(f"{r['split']:5s} t={r['t']:<4g} recovery {r['recovery']:.3f}  unstable {r['unstable']:.3f}  "
-                  f"exact {r['exact']:.3f}  H(recovered) {r['entropy_recovered'] or float('nan'):.3f}  "
-                  f"H(unrecovered) {r['entropy_unrecovered'] or float('nan'):.3f}")
+                  f"exact {r['exact']:.3f}  H(recovered) {nan_if_none(r['entropy_recovered']):.3f}  "
+                  f"H(unrecovered) {nan_if_none(r['entropy_unrecovered']):.3f}")
         elif r["kind"] == "entropy_gap":
             print(f"entropy at t=1e-5: train {r['entropy_train']:.3f}  generated {r['entropy_generated']:.3f}  "
                   f"gap {r['gap']:.3f} nats")
@@ -301,7 +310,7 @@ def sweep(presets, fracs, out_dir, rows, steps, seed=1, overrides=None, quiet=Fa
         data = udlm.load_rows(cfg)
         key = (cfg.data, cfg.vocab_size, cfg.length)
         if key not in scorers:
-            scorers[key] = TrigramScorer(full_training_rows(cfg), cfg.vocab_size)
+            scorers[key] = reference_scorer(cfg, enc)
         records = evaluate_point(model, cfg, data, enc, rows, steps, seed, scorers[key], run_dir)
         records.append(dict(point(cfg, data), kind="done", train_s=summary["train_s"], eval_s=time.time() - t0,
                             steps=summary["steps"], params=sum(p.numel() for p in model.parameters())))
